@@ -21,6 +21,7 @@ import math
 import os
 import pickle
 import tarfile
+import time
 import urllib.request
 
 import numpy as np
@@ -718,3 +719,118 @@ def evaluate(model, batches):
         correct += (logits.argmax(1) == y).sum().item()
         n += len(y)
     return loss / max(n, 1), correct / max(n, 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. Reproducible runs: devices, random states, atomic checkpoints, run folders (used by the scripts)
+
+def pick_device(name="auto"):
+    """"auto": cuda, then mps, then cpu; otherwise the named device."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def rng_state(**generators):
+    """Every random state a run depends on, in a form torch.load(weights_only=True) accepts."""
+    import random
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": [version, list(mt), gauss],
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+             "generators": {name: g.get_state() for name, g in generators.items()}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state, **generators):
+    import random
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for name, g in generators.items():
+        g.set_state(state["generators"][name])
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a kill at any moment leaves the old file or the new."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path, text):
+    with open(f"{path}.tmp", "w") as f:
+        f.write(text)
+    os.replace(f"{path}.tmp", path)
+
+
+UNCHECKED_KEYS = ("out", "resume", "overwrite", "device", "data", "no_download")  # may change on resume
+
+
+def open_run(out, config, resume=False, overwrite=False, device="cpu", artefacts=()):
+    """Prepare run folder `out`; returns the checkpoint to resume from, or None for a fresh run.
+    Refuses (SystemExit, one line) to reuse a folder without resume/overwrite, to resume without a
+    checkpoint, and to resume a checkpoint whose config differs (naming the keys)."""
+    ckpt_path = os.path.join(out, "checkpoint.pt")
+    if resume:
+        if not os.path.isfile(ckpt_path):
+            raise SystemExit(f"error: --resume: no checkpoint.pt in {out}")
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        old = ckpt["config"]
+        differ = sorted(k for k in set(old) | set(config)
+                        if k not in UNCHECKED_KEYS and old.get(k) != config.get(k))
+        if differ:
+            raise SystemExit("error: --resume: the checkpoint's config differs in " +
+                             ", ".join(f"{k} ({old.get(k)!r} there, {config.get(k)!r} now)" for k in differ))
+        return ckpt
+    if os.path.exists(out) and os.listdir(out) and not overwrite:
+        raise SystemExit(f"error: {out} exists and is not empty; use --resume to continue it or --overwrite to replace it")
+    os.makedirs(out, exist_ok=True)
+    for name in artefacts:  # --overwrite: no stale file of the old run survives to be mistaken as new
+        if os.path.isfile(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    return None
+
+
+def saved_tensor_bytes(fn):
+    """Run fn() and return (its result, bytes autograd keeps for backward), each storage counted once
+    (k candidates reading the same x share one), parameters excluded: the activation memory of a step."""
+    storages = {}
+
+    def pack(t):
+        if not isinstance(t, nn.Parameter):
+            s = t.untyped_storage()
+            storages[(s.data_ptr(), t.device)] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+def median_ms(fn, repeats=20, warmup=5, device="cpu"):
+    """Median wall time of fn() in milliseconds, after warm-up, synchronising CUDA around each call."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return sorted(times)[len(times) // 2]
