@@ -369,7 +369,7 @@ class SearchNet(CellNet):
 
 def check_genotype(geno, length):
     """Raise a one-line ValueError unless geno is `length` valid op names."""
-    bad = [op for op in geno if op not in OPS]
+    bad = list(dict.fromkeys(op for op in geno if op not in OPS))
     if bad or len(geno) != length:
         what = f"unknown op(s) {', '.join(map(repr, bad))}" if bad else f"{len(geno)} ops, expected {length}"
         raise ValueError(f"bad genotype: {what}; valid ops: {', '.join(OPS)}")

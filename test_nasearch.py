@@ -501,3 +501,151 @@ def test_batches_normalise_and_augment():
         assert any(torch.equal(xa[i], w) or torch.equal(xa[i], w.flip(2)) for w in windows)
     tr, va = ns.split_indices(100, 0.1, seed=0)
     assert len(tr) == 90 and len(va) == 10 and len(set(tr.tolist()) | set(va.tolist())) == 100
+
+
+# ---------------------------------------------------------------------------------------------------
+# search.py and retrain.py, end to end on tiny synthetic data
+
+import json  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import retrain  # noqa: E402
+import search  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_cifar(str(root), n_train=300, n_test=100)
+    return str(root)
+
+
+def search_args(data, out, *extra):
+    return ["--data", data, "--no-download", "--batch-size", "32", "--device", "cpu", "--out", str(out), *extra]
+
+
+def test_search_then_retrain_end_to_end(tiny_data, tmp_path, capsys):
+    run = tmp_path / "search"
+    geno = search.main(search_args(tiny_data, run, "--epochs", "2"))
+    out = capsys.readouterr().out
+    assert "Table 1" in out and "epoch 2/2" in out
+    config = json.loads((run / "config.json").read_text())
+    assert config["k"] == "linear:2:4" and config["epochs"] == 2 and config["lr"] == 1e-3
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and [r["k"] for r in rows] == [2, 3]
+    assert rows[0]["tau"] == 5.0 and rows[1]["tau"] < 5.0
+    for r in rows:
+        assert len(r["alpha_softmax"]) == 9 and all(abs(sum(p) - 1) < 1e-5 and len(p) == 16 for p in r["alpha_softmax"])
+        assert {"train_loss", "train_acc", "val_loss", "val_acc", "seconds", "genotype"} <= set(r)
+    saved = json.loads((run / "genotype.json").read_text())
+    assert saved["genotype"] == geno == rows[-1]["genotype"] and saved["backbone"] == "cells"
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2
+    from PIL import Image
+    with Image.open(run / "alpha.png") as img:
+        assert img.format == "PNG" and img.width > 16 * 40 and img.height > 9 * 20
+    assert "BN + " in (run / "table1.txt").read_text() or "+" in (run / "table1.txt").read_text()
+
+    rrun = tmp_path / "retrain"
+    result = retrain.main(search_args(tiny_data, rrun, "--genotype", str(run / "genotype.json"), "--epochs", "1"))
+    out = capsys.readouterr().out
+    assert "Table 2/3 row" in out and "not a fair number" in out
+    saved_result = json.loads((rrun / "result.json").read_text())
+    assert saved_result["params"] == 123_898 and saved_result["genotype"] == geno
+    assert 0 <= saved_result["top1"] <= 100 and saved_result["latency_ms_batch1"] > 0
+    assert saved_result["peak_train_memory_MB"] > 0
+    model_file = torch.load(rrun / "model.pt", weights_only=True)
+    assert model_file["genotype"] == geno and model_file["classes"][0] == "class_0"
+    net = ns.build_model(model_file["backbone"], model_file["genotype"], model_file["num_classes"], model_file["widths"])
+    net.load_state_dict(model_file["state_dict"])
+    assert abs(model_file["test_acc"] * 100 - result["top1"]) < 1e-9
+    assert len((rrun / "log.jsonl").read_text().splitlines()) == 1
+
+
+def _run_search(data, out, epochs):
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "search.py"),
+                             *search_args(data, out, "--epochs", str(epochs), "--subset", "200")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=HERE)
+
+
+def test_kill_minus_9_then_resume_gives_the_same_alpha(tiny_data, tmp_path):
+    epochs = 4
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    a = _run_search(tiny_data, full, epochs)
+    b = _run_search(tiny_data, killed, epochs)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # somewhere in epoch 2
+    b.send_signal(signal.SIGKILL)
+    assert b.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert a.wait() == 0, a.stderr.read().decode()
+    killed_at = torch.load(killed / "checkpoint.pt", weights_only=True)["epoch"]
+    assert 1 <= killed_at < epochs
+    c = subprocess.run([sys.executable, os.path.join(HERE, "search.py"),
+                        *search_args(tiny_data, killed, "--epochs", str(epochs), "--subset", "200", "--resume")],
+                       capture_output=True, text=True, cwd=HERE)
+    assert c.returncode == 0, c.stderr
+    assert f"resuming {killed} after epoch {killed_at}" in c.stdout
+    ca, cb = (torch.load(p / "checkpoint.pt", weights_only=True) for p in (full, killed))
+    alphas = [k for k in ca["model"] if k.endswith("alpha")]
+    assert len(alphas) == 9
+    for k in alphas:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    assert (full / "genotype.json").read_text() == (killed / "genotype.json").read_text()
+    assert [r["epoch"] for r in map(json.loads, (killed / "log.jsonl").read_text().splitlines())] == [1, 2, 3, 4]
+
+
+def test_refusals(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    search.main(search_args(tiny_data, run, "--epochs", "1", "--subset", "100"))
+    with pytest.raises(SystemExit, match="exists and is not empty; use --resume .* or --overwrite"):
+        search.main(search_args(tiny_data, run, "--epochs", "1", "--subset", "100"))
+    with pytest.raises(SystemExit, match="config differs in .*lr \\(0.001 there, 0.01 now\\)"):
+        search.main(search_args(tiny_data, run, "--epochs", "1", "--subset", "100", "--lr", "0.01", "--resume"))
+    with pytest.raises(SystemExit, match="unknown op\\(s\\) 'BN\\+Tanh'; valid ops: BN\\+ReLU, BN\\+Swish"):
+        retrain.main(search_args(tiny_data, tmp_path / "r1", "--genotype", "BN+Tanh"))
+    with pytest.raises(SystemExit, match="3 ops, expected 9; valid ops"):
+        retrain.main(search_args(tiny_data, tmp_path / "r2", "--genotype", "BN+ReLU,GN+GELU,LN+Mish"))
+    with pytest.raises(SystemExit, match="--k: bad k schedule"):
+        search.main(search_args(tiny_data, tmp_path / "s", "--k", "linear:2"))
+    with pytest.raises(SystemExit, match="--resume: no checkpoint.pt"):
+        search.main(search_args(tiny_data, tmp_path / "nothing", "--resume"))
+    search.main(search_args(tiny_data, run, "--epochs", "1", "--subset", "100", "--overwrite"))  # explicit: allowed
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    search.main(search_args(tiny_data, run, "--epochs", "1", "--subset", "100"))
+    good = (run / "checkpoint.pt").read_bytes()
+    real_step = ns.bilevel_step
+
+    def nan_step(*a):
+        out = real_step(*a)
+        return (out[0] * float("nan"), *out[1:])
+
+    monkeypatch.setattr(ns, "bilevel_step", nan_step)
+    with pytest.raises(SystemExit, match="training loss became nan in epoch 1.*last good checkpoint"):
+        search.main(search_args(tiny_data, tmp_path / "run2", "--epochs", "2", "--subset", "100"))
+    assert not (tmp_path / "run2" / "checkpoint.pt").exists()
+    monkeypatch.setattr(ns, "bilevel_step", real_step)
+    # a run with a good epoch 1 keeps it when epoch 2 fails
+    calls = {"n": 0}
+
+    def nan_later(*a):
+        calls["n"] += 1
+        out = real_step(*a)
+        return (out[0] * float("nan"), *out[1:]) if calls["n"] > 4 else out
+
+    monkeypatch.setattr(ns, "bilevel_step", nan_later)
+    run3 = tmp_path / "run3"
+    with pytest.raises(SystemExit, match="in epoch 2.*epoch 1\\) is intact"):
+        search.main(search_args(tiny_data, run3, "--epochs", "2", "--subset", "100"))
+    assert torch.load(run3 / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert good  # the first run's checkpoint was untouched by the others
+    assert (run / "checkpoint.pt").read_bytes() == good
