@@ -50,7 +50,7 @@ def mean_var(x, dims):
 def scale_shift(x, mean, rstd, gamma, beta):
     """(x - mean) * rstd * gamma + beta, folded into one scale and one shift per (sample,) channel."""
     scale = gamma * rstd
-    return torch.addcmul(beta - mean * scale, x, scale)  # one pass over x
+    return (x * scale).add_(beta - mean * scale)
 
 
 class Normalize(torch.autograd.Function):
@@ -101,29 +101,25 @@ def normalize(x, gamma, beta, dims):
 def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1):
     """BN: per channel over (N, H, W). Training uses batch statistics and updates the running ones
     (unbiased variance, as nn.BatchNorm2d does); eval uses the running statistics."""
-    C = x.shape[1]
-    gamma, beta = gamma.view(1, C, 1, 1), beta.view(1, C, 1, 1)
+    channel = (1, -1, 1, 1)  # -1, not C: traced shape arithmetic would not convert to Core ML
+    gamma, beta = gamma.view(channel), beta.view(channel)
     if not training:
-        return scale_shift(x, running_mean.view(1, C, 1, 1), (running_var.view(1, C, 1, 1) + EPS).rsqrt(), gamma, beta)
+        return scale_shift(x, running_mean.view(channel), (running_var.view(channel) + EPS).rsqrt(), gamma, beta)
     y, mean, var = normalize(x, gamma, beta, (0, 2, 3))
+    n = x.numel() // x.shape[1]
     if running_mean is not None:
-        n = x.numel() // C
         with torch.no_grad():
-            running_mean.lerp_(mean.view(C), momentum)
-            running_var.lerp_(var.view(C) * (n / max(n - 1, 1)), momentum)
+            running_mean.lerp_(mean.flatten(), momentum)
+            running_var.lerp_(var.flatten() * (n / max(n - 1, 1)), momentum)
     return y
 
 
 def group_norm(x, groups, gamma, beta):
     """GN: per sample over each group of C/groups channels and (H, W); per-channel affine.
     IN is group_norm with groups = C, LN (per sample over C, H, W) is group_norm with groups = 1."""
-    N, C, H, W = x.shape
-    if C % groups:
-        raise ValueError(f"group_norm: {C} channels do not split into {groups} groups")
-    xg = x.view(N, groups, C // groups, H, W)
-    affine = (1, groups, C // groups, 1, 1)
-    y, _, _ = normalize(xg, gamma.view(affine), beta.view(affine), (2, 3, 4))
-    return y.view(N, C, H, W)
+    affine = (1, groups, -1, 1, 1)
+    y, _, _ = normalize(x.view(x.shape[0], groups, -1, *x.shape[2:]), gamma.view(affine), beta.view(affine), (2, 3, 4))
+    return y.view(x.shape)
 
 
 class Pointwise(torch.autograd.Function):
@@ -146,7 +142,7 @@ class Pointwise(torch.autograd.Function):
 # allocation costs page faults on CPU, so fewer of them keeps these close to torch's fused kernels.
 
 def relu(x):  # max(x, 0)
-    return x.clamp_min(0)
+    return x.clamp_min(0.0)
 
 
 def relu_grad(x):  # 1 if x > 0 else 0
