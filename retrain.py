@@ -53,6 +53,15 @@ def parse_genotype(text, backbone, widths_given):
     return ops, backbone, widths
 
 
+def save_model(path, model, backbone, dataset, classes, mean, std, test_acc):
+    """model.pt: everything export_coreml.py needs, loadable with torch.load(weights_only=True)."""
+    widths = list(model.widths) if backbone == "cells" else []
+    ns.save_atomic({"state_dict": model.state_dict(), "genotype": list(model.genotype), "backbone": backbone,
+                    "widths": widths, "num_classes": model.num_classes, "classes": list(classes),
+                    "mean": list(mean), "std": list(std), "test_acc": test_acc, "dataset": dataset,
+                    "params": sum(p.numel() for p in model.parameters())}, path)
+
+
 def peak_train_memory(model, optimizer, x, y, device):
     """Peak training memory in MB at this batch. CUDA: the allocator's peak over one training step.
     CPU: parameters + gradients + optimizer state + the input batch + the tensors autograd saves for
@@ -151,10 +160,8 @@ def main(argv=None):
               "memory_measure": "cuda allocator peak over one training step" if device.type == "cuda" else
               "params + grads + Adam state + input + tensors saved for backward (one step, batch 128)"}
     ns.write_text_atomic(os.path.join(args.out, "result.json"), json.dumps(result, indent=2) + "\n")
-    ns.save_atomic({"state_dict": model.state_dict(), "genotype": ops, "backbone": args.backbone,
-                    "widths": list(args.widths), "num_classes": num_classes, "classes": d["classes"],
-                    "mean": d["mean"], "std": d["std"], "test_acc": final["test_acc"], "dataset": args.dataset,
-                    "params": params}, os.path.join(args.out, "model.pt"))
+    save_model(os.path.join(args.out, "model.pt"), model, args.backbone, args.dataset, d["classes"],
+               d["mean"], d["std"], final["test_acc"])
     print(f"\nTable 2/3 row ({args.dataset}, {device}):\n"
           f"  {'Model':<10}{'Top-1 (%)':>10}{'Params (M)':>12}{'Latency 1 / 128 (ms)':>23}{'Peak train mem (MB)':>22}\n"
           f"  {'this':<10}{result['top1']:>10.2f}{result['params_M']:>12.3f}{lat1:>11.2f} / {lat128:<9.2f}{memory:>22.1f}\n"

@@ -649,3 +649,96 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, 
     assert torch.load(run3 / "checkpoint.pt", weights_only=True)["epoch"] == 1
     assert good  # the first run's checkpoint was untouched by the others
     assert (run / "checkpoint.pt").read_bytes() == good
+
+
+# ---------------------------------------------------------------------------------------------------
+# ResNet-18 backbone
+
+def test_resnet18_parameters_search_and_round_trip():
+    assert count_params(ns.ResNet18(genotype=["BN+ReLU"] * 17)) == 11_173_962  # the CIFAR ResNet-18
+    torch.manual_seed(0)
+    net = ns.ResNet18(num_classes=10, seed=0)
+    sites = ns.mixed_ops(net)
+    assert len(sites) == ns.RESNET18_SITES == 17
+    assert count_params(net) == 11_173_962 + 15 * sum(2 * m.ops[0].gamma.numel() for m in sites)
+    ns.set_schedule(net, 2, 1.0)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    F.cross_entropy(net(x), y).backward()
+    assert all(m.alpha.grad is not None and m.alpha.grad.count_nonzero() <= 2 for m in sites)
+    geno = ns.genotype(net)
+    derived = ns.build_model("resnet18", geno)
+    assert len(geno) == 17 and derived.genotype == geno
+    assert [m.op for m in derived.modules() if isinstance(m, ns.NormAct)] == geno
+    assert count_params(derived) == 11_173_962
+
+
+def test_resnet18_second_site_applies_its_activation_after_the_residual_add():
+    block = ns.BasicBlock(lambda c, i: ns.NormAct("GN+Mish", c), 8, 8, 1, 0).eval()
+    x = torch.randn(2, 8, 6, 6)
+    inner = block.site1(block.conv1(x))
+    expected = ns.mish(ns.group_norm(block.conv2(inner), ns.GN_GROUPS, block.site2.gamma, block.site2.beta) + x)
+    torch.testing.assert_close(block(x), expected)
+
+
+def test_retrain_refuses_a_genotype_of_another_backbone(tmp_path, tiny_data):
+    path = tmp_path / "genotype.json"
+    path.write_text(json.dumps({"genotype": ["BN+ReLU"] * 17, "backbone": "resnet18"}))
+    with pytest.raises(SystemExit, match="is a resnet18 genotype, not cells; use --backbone resnet18"):
+        retrain.main(search_args(tiny_data, tmp_path / "r", "--genotype", str(path), "--backbone", "cells"))
+    with pytest.raises(SystemExit, match="9 ops, expected 17"):
+        retrain.main(search_args(tiny_data, tmp_path / "r", "--genotype", ",".join(TABLE1), "--backbone", "resnet18"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# bench.py: the memory measurement itself (no timing assertions)
+
+def test_bench_memory_grows_with_k_and_recompute_is_flat():
+    import bench
+    x, y = bench.batch(4, "cpu")
+    mem = {k: bench.activation_bytes(bench.search_net(k), x, y) for k in (1, 2, 4)}
+    assert mem[1] < mem[2] < mem[4]
+    assert abs((mem[4] - mem[2]) - 2 * (mem[2] - mem[1])) < 0.05 * (mem[2] - mem[1])  # linear in k
+    darts = bench.activation_bytes(bench.search_net(16, "darts"), x, y)
+    assert mem[2] < darts
+    flat = [bench.activation_bytes(bench.search_net(k, recompute=True), x, y) for k in (1, 4)]
+    assert flat[1] <= 1.2 * flat[0]
+    # and the hand-written candidates keep no more than torch's fused ones
+    xs = torch.randn(4, 32, 8, 8, requires_grad=True)
+    for op in ("BN+GELU", "GN+Mish", "LN+Swish", "IN+ReLU"):
+        hand = ns.saved_tensor_bytes(lambda: ns.NormAct(op, 32)(xs))[1]
+        fused = ns.saved_tensor_bytes(lambda: bench.TorchNormAct(op, 32)(xs))[1]
+        assert hand <= 1.02 * fused, op  # the same full-size tensors; a few bytes of statistics differ
+
+
+# ---------------------------------------------------------------------------------------------------
+# export_coreml.py
+
+def test_export_coreml_package(tmp_path):
+    ct = pytest.importorskip("coremltools", reason="coremltools is not installed (optional; .ci/run installs it)")
+    import export_coreml
+    torch.manual_seed(0)
+    net = ns.Network(TABLE1, num_classes=10, widths=(8, 16, 16))
+    net.train()
+    net(torch.randn(8, 3, 32, 32))  # non-trivial BN running statistics
+    classes = [f"c{i}" for i in range(10)]
+    retrain.save_model(str(tmp_path / "model.pt"), net.eval(), "cells", "cifar10", classes,
+                       [0.5, 0.4, 0.3], [0.25, 0.24, 0.26], 0.4321)
+    out = str(tmp_path / "m.mlpackage")
+    export_coreml.main([str(tmp_path / "model.pt"), "--out", out])
+    spec = ct.models.MLModel(out, skip_model_load=True).get_spec()
+    (inp,) = spec.description.input
+    assert inp.name == "image" and inp.type.WhichOneof("Type") == "imageType"
+    assert (inp.type.imageType.width, inp.type.imageType.height) == (32, 32)
+    assert inp.type.imageType.colorSpace == ct.proto.FeatureTypes_pb2.ImageFeatureType.RGB
+    assert spec.WhichOneof("Type") == "mlProgram"
+    assert spec.description.predictedFeatureName == "classLabel"
+    assert {o.name for o in spec.description.output} == {"classLabel", "classLabel_probs"}
+    ops = [op for block in spec.mlProgram.functions["main"].block_specializations.values()
+           for op in block.operations]
+    (classify,) = [op for op in ops if op.type == "classify"]
+    labels = [v.immediateValue.tensor.strings.values[0]
+              for v in classify.inputs["classes"].arguments[0].value.immediateValue.list.values]
+    assert labels == classes
+    meta = spec.description.metadata.userDefined
+    assert meta["genotype"] == ",".join(TABLE1) and meta["test_accuracy"] == "43.21"
+    assert meta["parameters"] == str(sum(p.numel() for p in net.parameters())) and meta["widths"] == "8,16,16"
