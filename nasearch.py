@@ -77,9 +77,11 @@ class Normalize(torch.autograd.Function):
     def backward(ctx, g, _mean_grad, _var_grad):
         x, mean, rstd, gamma = ctx.saved_tensors
         n = x.numel() // mean.numel()  # elements per statistic
-        per_channel = tuple(d for d in range(x.dim()) if mean.shape[d] == 1 and gamma.shape[d] == 1)
+        # sum first over the dims that both the statistics and gamma broadcast over (N, H, W for BN;
+        # H, W for the others): what is left is small, one value per (sample,) channel
+        shared = tuple(d for d in range(x.dim()) if mean.shape[d] == 1 and gamma.shape[d] == 1)
         gx = g * x
-        sum_g, sum_gx = g.sum(per_channel, keepdim=True), gx.sum(per_channel, keepdim=True)
+        sum_g, sum_gx = g.sum(shared, keepdim=True), gx.sum(shared, keepdim=True)
         dbeta = sum_g.sum_to_size(gamma.shape)
         dgamma = (rstd * (sum_gx - mean * sum_g)).sum_to_size(gamma.shape)  # sum g x_hat
         mean_gh = (gamma * sum_g).sum(ctx.dims, keepdim=True) / n  # mean(g')
@@ -281,9 +283,10 @@ class MixedNA(nn.Module):
 
     def mix(self, x, idx, w, residual=None, update_stats=True):
         """y = sum_{i in idx} w_i o_i(x): the only place candidates are computed."""
-        y = 0
+        y = None
         for j, i in enumerate(idx.tolist()):
-            y = y + w[j] * self.ops[i](x, residual, update_stats)
+            term = w[j] * self.ops[i](x, residual, update_stats)
+            y = term if y is None else y + term
         return y
 
     def forward(self, x, residual=None):
@@ -299,7 +302,7 @@ class MixedNA(nn.Module):
 
 
 def mixed_ops(model):
-    """The MixedNA modules of a model, in forward order of definition."""
+    """The MixedNA modules of a model in the order they were defined (the forward order, for the nets here)."""
     return [m for m in model.modules() if isinstance(m, MixedNA)]
 
 

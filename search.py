@@ -74,17 +74,18 @@ def load_data(args):
 
 
 class Progress:
-    """A live line during an epoch (on a terminal), refreshed at most every 0.5 s."""
+    """A live line during an epoch: rewritten every 0.5 s on a terminal, a plain line a minute otherwise."""
 
     def __init__(self, total):
-        self.total, self.t0, self.last, self.live = total, time.time(), 0.0, sys.stdout.isatty()
+        self.total, self.t0, self.live = total, time.time(), sys.stdout.isatty()
+        self.last = self.t0
 
     def update(self, step, loss, images):
         now = time.time()
-        if self.live and (now - self.last > 0.5 or step == self.total):
+        if now - self.last > (0.5 if self.live else 60) and step < self.total:
             self.last = now
-            print(f"\r  step {step}/{self.total}  loss {loss:.3f}  {images / (now - self.t0):.0f} img/s   ",
-                  end="", flush=True)
+            line = f"  step {step}/{self.total}  loss {loss:.3f}  {images / (now - self.t0):.0f} img/s"
+            print(f"\r{line}   " if self.live else line, end="" if self.live else "\n", flush=True)
 
     def done(self):
         if self.live:
@@ -195,9 +196,10 @@ def main(argv=None):
             sums += torch.stack([tl * len(batch[1]), tc, vl * len(vbatch[1]), vc])
             seen += len(batch[1])
             if step % 20 == 0 or step == len(train):
-                if not math.isfinite(float(sums[0])):
+                if not bool(torch.isfinite(sums).all()):
                     progress.done()
-                    raise SystemExit(f"error: the training loss became {float(sums[0])} in epoch {epoch + 1}, "
+                    which, bad = ("training", sums[0]) if not torch.isfinite(sums[0]) else ("validation", sums[2])
+                    raise SystemExit(f"error: the {which} loss became {float(bad)} in epoch {epoch + 1}, "
                                      f"step {step}; stopped. The last good checkpoint (epoch {epoch}) is intact "
                                      "in the run folder; try a lower --lr.")
                 progress.update(step, float(sums[0]) / seen, seen)
