@@ -11,7 +11,6 @@ holds config.json, log.jsonl, checkpoint.pt (every epoch, atomic) and model.pt (
 """
 import argparse
 import json
-import math
 import os
 import time
 
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import nasearch as ns
-from search import Progress, data_args, finish_args, load_data
+from search import Progress, check_finite, data_args, finish_args, load_data
 
 ARTEFACTS = ("config.json", "log.jsonl", "checkpoint.pt", "model.pt", "result.json")
 
@@ -126,11 +125,7 @@ def main(argv=None):
             sums += torch.stack([loss * len(y), correct])
             seen += len(y)
             if step % 20 == 0 or step == len(train):
-                if not math.isfinite(float(sums[0])):
-                    progress.done()
-                    raise SystemExit(f"error: the training loss became {float(sums[0])} in epoch {epoch + 1}, "
-                                     f"step {step}; stopped. The last good checkpoint (epoch {epoch}) is intact "
-                                     "in the run folder; try a lower --lr.")
+                check_finite(progress, epoch, step, training=float(sums[0]))
                 progress.update(step, float(sums[0]) / seen, seen)
         progress.done()
         test_loss, test_acc = ns.evaluate(model, test)

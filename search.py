@@ -92,6 +92,15 @@ class Progress:
             print("\r" + " " * 70 + "\r", end="")
 
 
+def check_finite(progress, epoch, step, **losses):
+    """Stop in one line on a NaN or inf loss; the checkpoint of the last finished epoch stays intact."""
+    for name, value in losses.items():
+        if not math.isfinite(value):
+            progress.done()
+            raise SystemExit(f"error: the {name} loss became {value} in epoch {epoch + 1}, step {step}; stopped. "
+                             f"The last good checkpoint (epoch {epoch}) is intact in the run folder; try a lower --lr.")
+
+
 def draw_alpha(probs, geno, path):
     """softmax(alpha) as a cells x 16 grid, darker = larger (sqrt scale, 1/16 light, 1 dark), the chosen
     (argmax) op of each cell boxed in red and named on the right."""
@@ -196,12 +205,7 @@ def main(argv=None):
             sums += torch.stack([tl * len(batch[1]), tc, vl * len(vbatch[1]), vc])
             seen += len(batch[1])
             if step % 20 == 0 or step == len(train):
-                if not bool(torch.isfinite(sums).all()):
-                    progress.done()
-                    which, bad = ("training", sums[0]) if not torch.isfinite(sums[0]) else ("validation", sums[2])
-                    raise SystemExit(f"error: the {which} loss became {float(bad)} in epoch {epoch + 1}, "
-                                     f"step {step}; stopped. The last good checkpoint (epoch {epoch}) is intact "
-                                     "in the run folder; try a lower --lr.")
+                check_finite(progress, epoch, step, training=float(sums[0]), validation=float(sums[2]))
                 progress.update(step, float(sums[0]) / seen, seen)
         progress.done()
         val_loss, val_acc = ns.evaluate(model, val_eval)

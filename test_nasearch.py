@@ -1,11 +1,15 @@
 """Tests for nasearch.py and the scripts: `python -m pytest -q` (synthetic data only, no network)."""
-import io
 import itertools
+import json
 import math
 import os
-import pickle
+import re
+import signal
 import struct
+import subprocess
+import sys
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -13,6 +17,10 @@ import torch
 import torch.nn.functional as F
 
 import nasearch as ns
+import retrain
+import search
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 TABLE1 = ["BN+GELU", "GN+GELU", "GN+GELU", "LN+GELU", "BN+Swish", "BN+Swish", "BN+Swish", "BN+Swish", "GN+GELU"]
 
@@ -506,16 +514,6 @@ def test_batches_normalise_and_augment():
 # ---------------------------------------------------------------------------------------------------
 # search.py and retrain.py, end to end on tiny synthetic data
 
-import json  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-import retrain  # noqa: E402
-import search  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope="module")
@@ -742,3 +740,17 @@ def test_export_coreml_package(tmp_path):
     meta = spec.description.metadata.userDefined
     assert meta["genotype"] == ",".join(TABLE1) and meta["test_accuracy"] == "43.21"
     assert meta["parameters"] == str(sum(p.numel() for p in net.parameters())) and meta["widths"] == "8,16,16"
+
+
+def test_readme_equation_map_points_at_real_names():
+    text = open(os.path.join(HERE, "README.md")).read()
+    table = text.split("## The paper in the code")[1].split("\n## ")[0]
+    names = [n for n in re.findall(r"`([A-Za-z_][\w.]*)(?:\(|`)", table) if n != "nasearch.py"]
+    assert len(names) > 20
+    for name in names:
+        obj = ns
+        for part in name.split("."):
+            assert hasattr(obj, part), name
+            obj = getattr(obj, part)
+    for eq in ("eq 1", "eq 2", "eq 3", "eq 4", "eq 5"):
+        assert eq in table
