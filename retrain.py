@@ -10,6 +10,7 @@ a batch of 128) and peak training memory, printed and saved as result.json. The 
 holds config.json, log.jsonl, checkpoint.pt (every epoch, atomic) and model.pt (for export_coreml.py).
 """
 import argparse
+import copy
 import json
 import os
 import time
@@ -62,9 +63,12 @@ def save_model(path, model, backbone, dataset, classes, mean, std, test_acc):
 
 
 def peak_train_memory(model, optimizer, x, y, device):
-    """Peak training memory in MB at this batch. CUDA: the allocator's peak over one training step.
-    CPU: parameters + gradients + optimizer state + the input batch + the tensors autograd saves for
-    backward (each storage once), i.e. what a step must hold at its peak, not the process's RSS."""
+    """Peak training memory in MB at this batch, measured on a copy (the trained model stays as it is).
+    CUDA: the allocator's peak over one training step. CPU: parameters + gradients + Adam state + the
+    input batch + the tensors autograd saves for backward (each storage once), i.e. what a step must
+    hold at its peak, not the process's RSS."""
+    model = copy.deepcopy(model).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=optimizer.defaults["lr"])
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -73,9 +77,8 @@ def peak_train_memory(model, optimizer, x, y, device):
         return torch.cuda.max_memory_allocated() / 2 ** 20
     _, saved = ns.saved_tensor_bytes(lambda: F.cross_entropy(model(x), y))
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-                if torch.is_tensor(t))
-    return (2 * params + state + x.numel() * x.element_size() + saved) / 2 ** 20
+    adam_state = 2 * params  # exp_avg and exp_avg_sq per parameter
+    return (2 * params + adam_state + x.numel() * x.element_size() + saved) / 2 ** 20
 
 
 def main(argv=None):
@@ -140,6 +143,8 @@ def main(argv=None):
               f"test {test_loss:.3f} {100 * test_acc:.2f}%  {row['seconds']:.0f}s", flush=True)
 
     final, best = history[-1], max(history, key=lambda r: r["test_acc"])
+    save_model(os.path.join(args.out, "model.pt"), model, args.backbone, args.dataset, d["classes"],
+               d["mean"], d["std"], final["test_acc"])
     model.eval()
     with torch.no_grad():
         one = d["test_x"][:1].to(device).float()
@@ -147,7 +152,7 @@ def main(argv=None):
         lat1 = ns.median_ms(lambda: model(one), device=device)
         lat128 = ns.median_ms(lambda: model(batch), device=device)
     xb, yb = next(iter(train))
-    memory = peak_train_memory(model.train(), opt, xb, yb, device)
+    memory = peak_train_memory(model, opt, xb, yb, device)
     result = {"genotype": ops, "backbone": args.backbone, "dataset": args.dataset, "epochs": args.epochs,
               "top1": 100 * final["test_acc"], "best_top1": 100 * best["test_acc"], "best_epoch": best["epoch"],
               "params_M": params / 1e6, "params": params, "latency_ms_batch1": lat1, "latency_ms_batch128": lat128,
@@ -155,8 +160,6 @@ def main(argv=None):
               "memory_measure": "cuda allocator peak over one training step" if device.type == "cuda" else
               "params + grads + Adam state + input + tensors saved for backward (one step, batch 128)"}
     ns.write_text_atomic(os.path.join(args.out, "result.json"), json.dumps(result, indent=2) + "\n")
-    save_model(os.path.join(args.out, "model.pt"), model, args.backbone, args.dataset, d["classes"],
-               d["mean"], d["std"], final["test_acc"])
     print(f"\nTable 2/3 row ({args.dataset}, {device}):\n"
           f"  {'Model':<10}{'Top-1 (%)':>10}{'Params (M)':>12}{'Latency 1 / 128 (ms)':>23}{'Peak train mem (MB)':>22}\n"
           f"  {'this':<10}{result['top1']:>10.2f}{result['params_M']:>12.3f}{lat1:>11.2f} / {lat128:<9.2f}{memory:>22.1f}\n"

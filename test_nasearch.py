@@ -562,6 +562,9 @@ def test_search_then_retrain_end_to_end(tiny_data, tmp_path, capsys):
     net = ns.build_model(model_file["backbone"], model_file["genotype"], model_file["num_classes"], model_file["widths"])
     net.load_state_dict(model_file["state_dict"])
     assert abs(model_file["test_acc"] * 100 - result["top1"]) < 1e-9
+    d = ns.load_cifar(tiny_data, download=False)  # the saved model reproduces the recorded accuracy
+    test = ns.Batches(d["test_x"], d["test_y"], 500, model_file["mean"], model_file["std"], shuffle=False)
+    assert ns.evaluate(net, test)[1] == model_file["test_acc"]
     assert len((rrun / "log.jsonl").read_text().splitlines()) == 1
 
 
