@@ -188,6 +188,9 @@ def format_table(r):
         lines.append(f"{s['setting']:<26}{s['step_ms']:>9.1f}{s['images_per_s']:>8.0f}{s['activation_MB']:>9.1f}"
                      f"{s['time_vs_darts']:>12.2f}{s['memory_vs_darts']:>11.3f}"
                      + (f"{s['cuda_peak_MB']:>15.1f}" if "cuda_peak_MB" in s else ""))
+    plain = sorted((s["k"], s["activation_MB"]) for s in r["search"] if s["mode"] == "sample" and not s["recompute"])
+    steps = [f"{(m1 - m0) / (k1 - k0):.1f}" for (k0, m0), (k1, m1) in zip(plain, plain[1:])]
+    lines.append(f"activation MB per extra sampled candidate (k={plain[0][0]}..{plain[-1][0]}): {', '.join(steps)}")
     lines += [f"\n2. Hand-written vs torch fused, forward + backward at ({bs}, 32, 16, 16)",
               f"{'op':<10}{'hand ms':>9}{'torch ms':>10}{'time x':>8}{'hand MB':>9}{'torch MB':>10}{'mem x':>7}"]
     for o in r["ops"]:
