@@ -158,7 +158,7 @@ def main(argv=None):
               "params_M": params / 1e6, "params": params, "latency_ms_batch1": lat1, "latency_ms_batch128": lat128,
               "peak_train_memory_MB": memory, "device": str(device),
               "memory_measure": "cuda allocator peak over one training step" if device.type == "cuda" else
-              "params + grads + Adam state + input + tensors saved for backward (one step, batch 128)"}
+              f"params + grads + Adam state + input + tensors saved for backward (one step, batch {len(yb)})"}
     ns.write_text_atomic(os.path.join(args.out, "result.json"), json.dumps(result, indent=2) + "\n")
     print(f"\nTable 2/3 row ({args.dataset}, {device}):\n"
           f"  {'Model':<10}{'Top-1 (%)':>10}{'Params (M)':>12}{'Latency 1 / 128 (ms)':>23}{'Peak train mem (MB)':>22}\n"
