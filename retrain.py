@@ -42,7 +42,7 @@ def parse_genotype(text, backbone, widths_given):
     else:
         ops = [op.strip() for op in text.split(",")]
     backbone = backbone or "cells"
-    widths = None if widths_given else info.get("widths")
+    widths = None if widths_given or backbone != "cells" else info.get("widths")
     n = ns.num_sites(backbone, widths or (16, 32, 64))
     if len(ops) == 1 and not info:
         ops = ops * n

@@ -187,7 +187,7 @@ def main(argv=None):
         print(f"resuming {args.out} after epoch {start}", flush=True)
     else:
         ns.write_text_atomic(os.path.join(args.out, "config.json"), json.dumps(config, indent=2) + "\n")
-    print(f"search: {args.backbone} {num_classes} classes, widths {args.widths}, {len(train.x)} train / "
+    print(f"search: {args.backbone} {num_classes} classes, widths {list(model.widths)}, {len(train.x)} train / "
           f"{len(val.x)} val images, {args.epochs} epochs, k {args.k}, mode {args.mode}, device {device}, "
           f"run folder {args.out}", flush=True)
 
@@ -221,7 +221,7 @@ def main(argv=None):
         ns.save_atomic({"model": model.state_dict(), "weight_opt": w_opt.state_dict(), "arch_opt": a_opt.state_dict(),
                         "rng": ns.rng_state(gumbel=model.generator, order=order), "epoch": epoch + 1,
                         "history": history, "config": config}, os.path.join(args.out, "checkpoint.pt"))
-        write_outputs(args, history, num_classes)
+        write_outputs(args, history, num_classes, list(model.widths))
         print(f"epoch {epoch + 1}/{args.epochs}  k {k}  tau {tau:.3f}  train {row['train_loss']:.3f} "
               f"{100 * row['train_acc']:.1f}%  val {val_loss:.3f} {100 * val_acc:.1f}%  {row['seconds']:.0f}s  "
               f"{','.join(geno)}", flush=True)
@@ -232,13 +232,13 @@ def main(argv=None):
     return geno
 
 
-def write_outputs(args, history, num_classes):
+def write_outputs(args, history, num_classes, widths):
     """The per-epoch artefacts, all rewritten from `history` so a resumed run's files match the checkpoint."""
     out, last = args.out, history[-1]
     ns.write_text_atomic(os.path.join(out, "log.jsonl"), "".join(json.dumps(r) + "\n" for r in history))
     ns.write_text_atomic(os.path.join(out, "genotype.json"), json.dumps({
         "genotype": last["genotype"], "backbone": args.backbone, "dataset": args.dataset,
-        "num_classes": num_classes, "widths": args.widths, "epoch": last["epoch"], "k": args.k}, indent=2) + "\n")
+        "num_classes": num_classes, "widths": widths, "epoch": last["epoch"], "k": args.k}, indent=2) + "\n")
     ns.write_text_atomic(os.path.join(out, "table1.txt"), table1(last["genotype"]) + "\n")
     draw_alpha(last["alpha_softmax"], last["genotype"], os.path.join(out, "alpha.png.tmp"))
     os.replace(os.path.join(out, "alpha.png.tmp"), os.path.join(out, "alpha.png"))
