@@ -786,7 +786,8 @@ def open_run(out, config, resume=False, overwrite=False, device="cpu", artefacts
     ckpt_path = os.path.join(out, "checkpoint.pt")
     if resume:
         if not os.path.isfile(ckpt_path):
-            raise SystemExit(f"error: --resume: no checkpoint.pt in {out}")
+            raise SystemExit(f"error: --resume: no checkpoint.pt in {out} (the run stopped before its first "
+                             "epoch ended); start it again with --overwrite")
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
         old = ckpt["config"]
         differ = sorted(k for k in set(old) | set(config)
