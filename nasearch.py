@@ -466,10 +466,10 @@ def make_optimizers(model, lr=1e-3, arch_lr=3e-4, arch_betas=(0.5, 0.999), arch_
             torch.optim.Adam(arch_parameters(model), lr=arch_lr, betas=arch_betas, weight_decay=arch_weight_decay))
 
 
-def train_step(model, x, y, optimizer, params=None):
-    """One step of optimizer on cross-entropy; gradients only for `params` (all of the optimizer's by
-    default). Returns (loss, number correct) as tensors, without a device sync."""
-    params = params if params is not None else [p for g in optimizer.param_groups for p in g["params"]]
+def train_step(model, x, y, optimizer):
+    """One step of `optimizer` on cross-entropy, computing gradients only for its own parameters.
+    Returns (loss, number correct) as tensors, without a device sync."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     logits = model(x)
     loss = F.cross_entropy(logits, y)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
