@@ -161,7 +161,7 @@ def swish_grad(x):  # s + x s (1 - s) = s (1 + x (1 - s)),  s = sigmoid(x)
 
 
 def normal_cdf(x):  # Phi(x) = (1 + erf(x / sqrt 2)) / 2
-    return torch.erf(x * (1 / math.sqrt(2))).add_(1).mul_(0.5)
+    return (x * (1 / math.sqrt(2))).erf_().add_(1).mul_(0.5)
 
 
 def gelu(x):  # x Phi(x), the exact (erf) GELU
@@ -173,11 +173,11 @@ def gelu_grad(x):  # Phi(x) + x phi(x),  phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
 
 
 def mish(x):  # x tanh(softplus(x)),  softplus(x) = log(1 + e^x)
-    return torch.tanh(F.softplus(x)).mul_(x)
+    return F.softplus(x).tanh_().mul_(x)
 
 
 def mish_grad(x):  # t + x (1 - t^2) sigmoid(x),  t = tanh(softplus(x))
-    t = torch.tanh(F.softplus(x))
+    t = F.softplus(x).tanh_()
     return t.square().neg_().add_(1).mul_(x).mul_(torch.sigmoid(x)).add_(t)
 
 
