@@ -12,6 +12,8 @@ Read it next to the paper; the sections follow the paper's order:
                                   `ResNet18` (every norm+activation site searchable)
   6. bilevel search, eq 2 ...... `bilevel_step` (first order, alternating), `k_at`, `tau_at` (schedules)
   7. data ...................... `load_cifar` (raw python batches, safe unpickling), `Batches`
+  8. runs ...................... devices, random states, atomic files, run folders, measurement helpers
+                                  (used by search.py, retrain.py and bench.py; not part of the method)
 
 Only numpy and torch are needed; copy this file into a project and `import nasearch`.
 """
@@ -20,6 +22,7 @@ import io
 import math
 import os
 import pickle
+import random
 import tarfile
 import time
 import urllib.request
@@ -108,8 +111,8 @@ def batch_norm(x, gamma, beta, running_mean, running_var, training, momentum=0.1
     if not training:
         return scale_shift(x, running_mean.view(channel), (running_var.view(channel) + EPS).rsqrt(), gamma, beta)
     y, mean, var = normalize(x, gamma, beta, (0, 2, 3))
-    n = x.numel() // x.shape[1]
     if running_mean is not None:
+        n = x.numel() // x.shape[1]
         with torch.no_grad():
             running_mean.lerp_(mean.flatten(), momentum)
             running_var.lerp_(var.flatten() * (n / max(n - 1, 1)), momentum)
@@ -736,7 +739,6 @@ def pick_device(name="auto"):
 
 def rng_state(**generators):
     """Every random state a run depends on, in a form torch.load(weights_only=True) accepts."""
-    import random
     version, mt, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": [version, list(mt), gauss],
@@ -748,7 +750,6 @@ def rng_state(**generators):
 
 
 def set_rng_state(state, **generators):
-    import random
     version, mt, gauss = state["python"]
     random.setstate((version, tuple(mt), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
@@ -760,20 +761,21 @@ def set_rng_state(state, **generators):
         g.set_state(state["generators"][name])
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: a kill at any moment leaves the old file or the new."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
+def write_atomic(path, data):
+    """Write bytes (or text) to a temporary file, then rename: a kill at any moment leaves the old file
+    or the new one, never half of one."""
+    with open(f"{path}.tmp", "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_text_atomic(path, text):
-    with open(f"{path}.tmp", "w") as f:
-        f.write(text)
     os.replace(f"{path}.tmp", path)
+
+
+def save_atomic(obj, path):
+    """torch.save, atomically (see write_atomic)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_atomic(path, buffer.getvalue())
 
 
 UNCHECKED_KEYS = ("out", "resume", "overwrite", "device", "data", "no_download")  # may change on resume

@@ -115,7 +115,7 @@ def main(argv=None):
         history, start = ckpt["history"], ckpt["epoch"]
         print(f"resuming {args.out} after epoch {start}", flush=True)
     else:
-        ns.write_text_atomic(os.path.join(args.out, "config.json"), json.dumps(config, indent=2) + "\n")
+        ns.write_atomic(os.path.join(args.out, "config.json"), json.dumps(config, indent=2) + "\n")
     params = sum(p.numel() for p in model.parameters())
     print(f"retrain: {args.backbone} {','.join(ops)}\n  {params:,} parameters, {len(train.x)} train / "
           f"{len(test.x)} test images, {args.epochs} epochs, device {device}, run folder {args.out}", flush=True)
@@ -138,7 +138,7 @@ def main(argv=None):
         ns.save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
                         "rng": ns.rng_state(order=order), "history": history, "config": config},
                        os.path.join(args.out, "checkpoint.pt"))
-        ns.write_text_atomic(os.path.join(args.out, "log.jsonl"), "".join(json.dumps(r) + "\n" for r in history))
+        ns.write_atomic(os.path.join(args.out, "log.jsonl"), "".join(json.dumps(r) + "\n" for r in history))
         print(f"epoch {epoch + 1}/{args.epochs}  train {row['train_loss']:.3f} {100 * row['train_acc']:.2f}%  "
               f"test {test_loss:.3f} {100 * test_acc:.2f}%  {row['seconds']:.0f}s", flush=True)
 
@@ -159,7 +159,7 @@ def main(argv=None):
               "peak_train_memory_MB": memory, "device": str(device),
               "memory_measure": "cuda allocator peak over one training step" if device.type == "cuda" else
               f"params + grads + Adam state + input + tensors saved for backward (one step, batch {len(yb)})"}
-    ns.write_text_atomic(os.path.join(args.out, "result.json"), json.dumps(result, indent=2) + "\n")
+    ns.write_atomic(os.path.join(args.out, "result.json"), json.dumps(result, indent=2) + "\n")
     print(f"\nTable 2/3 row ({args.dataset}, {device}):\n"
           f"  {'Model':<10}{'Top-1 (%)':>10}{'Params (M)':>12}{'Latency 1 / 128 (ms)':>23}{'Peak train mem (MB)':>22}\n"
           f"  {'this':<10}{result['top1']:>10.2f}{result['params_M']:>12.3f}{lat1:>11.2f} / {lat128:<9.2f}{memory:>22.1f}\n"

@@ -9,6 +9,7 @@ softmax(alpha) of every cell), genotype.json (for retrain.py), checkpoint.pt (ev
 alpha.png (softmax(alpha) per cell, the chosen op boxed). Prints Table 1 at the end.
 """
 import argparse
+import io
 import json
 import math
 import os
@@ -101,7 +102,7 @@ def check_finite(progress, epoch, step, **losses):
                              f"The last good checkpoint (epoch {epoch}) is intact in the run folder; try a lower --lr.")
 
 
-def draw_alpha(probs, geno, path):
+def draw_alpha(probs, geno, path):  # path: a file name or a binary file object
     """softmax(alpha) as a cells x 16 grid, darker = larger (sqrt scale, 1/16 light, 1 dark), the chosen
     (argmax) op of each cell boxed in red and named on the right."""
     font = ImageFont.load_default()
@@ -155,7 +156,7 @@ def main(argv=None):
         raise SystemExit(f"error: --k: {e}") from None
     if args.epochs < 1:
         raise SystemExit("error: --epochs must be at least 1")
-    config = {k: v for k, v in vars(args).items()}
+    config = dict(vars(args))
     device = ns.pick_device(args.device)
     ckpt = ns.open_run(args.out, config, args.resume, args.overwrite, device, ARTEFACTS)
 
@@ -186,7 +187,7 @@ def main(argv=None):
         history, start = ckpt["history"], ckpt["epoch"]
         print(f"resuming {args.out} after epoch {start}", flush=True)
     else:
-        ns.write_text_atomic(os.path.join(args.out, "config.json"), json.dumps(config, indent=2) + "\n")
+        ns.write_atomic(os.path.join(args.out, "config.json"), json.dumps(config, indent=2) + "\n")
     print(f"search: {args.backbone} {num_classes} classes, widths {list(model.widths)}, {len(train.x)} train / "
           f"{len(val.x)} val images, {args.epochs} epochs, k {args.k}, mode {args.mode}, device {device}, "
           f"run folder {args.out}", flush=True)
@@ -235,13 +236,14 @@ def main(argv=None):
 def write_outputs(args, history, num_classes, widths):
     """The per-epoch artefacts, all rewritten from `history` so a resumed run's files match the checkpoint."""
     out, last = args.out, history[-1]
-    ns.write_text_atomic(os.path.join(out, "log.jsonl"), "".join(json.dumps(r) + "\n" for r in history))
-    ns.write_text_atomic(os.path.join(out, "genotype.json"), json.dumps({
+    ns.write_atomic(os.path.join(out, "log.jsonl"), "".join(json.dumps(r) + "\n" for r in history))
+    ns.write_atomic(os.path.join(out, "genotype.json"), json.dumps({
         "genotype": last["genotype"], "backbone": args.backbone, "dataset": args.dataset,
         "num_classes": num_classes, "widths": widths, "epoch": last["epoch"], "k": args.k}, indent=2) + "\n")
-    ns.write_text_atomic(os.path.join(out, "table1.txt"), table1(last["genotype"]) + "\n")
-    draw_alpha(last["alpha_softmax"], last["genotype"], os.path.join(out, "alpha.png.tmp"))
-    os.replace(os.path.join(out, "alpha.png.tmp"), os.path.join(out, "alpha.png"))
+    ns.write_atomic(os.path.join(out, "table1.txt"), table1(last["genotype"]) + "\n")
+    png = io.BytesIO()
+    draw_alpha(last["alpha_softmax"], last["genotype"], png)
+    ns.write_atomic(os.path.join(out, "alpha.png"), png.getvalue())
 
 
 if __name__ == "__main__":
